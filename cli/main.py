@@ -1,0 +1,27 @@
+"""The `cidl` console script: a thin layer over the packages' public functions.
+
+Each command lives in its own module under ``cli/`` and is registered here. Command modules import
+torch (via ``cidl.runtime``) only inside the command body, so `cidl simulate` starts fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="cidl: simulate, run and tune Concurrent Inference with Dynamic Loading (On-device Sora's scheduler).",
+)
+
+
+@app.command()
+def version() -> None:
+    """Print cidl's version."""
+    from importlib.metadata import version as _v
+
+    print(_v("cidl"))
+
+
+# Command registrations (one line each; keep alphabetical):
