@@ -20,7 +20,7 @@ Carry = dict[str, Any]
 
 @dataclass(frozen=True)
 class Piece:
-    """A block: ``name`` (e.g. ``block03``), the parent's submodules it owns, and its forward over the carry."""
+    """A block: its ``name`` (e.g. ``block03``), the submodules it owns, and its forward over the carry."""
 
     name: str
     owns: tuple[str, ...]
