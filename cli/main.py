@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import typer
 
+from cidl.cli import inspect as inspect_cmd
+from cidl.cli import prepare as prepare_cmd
+from cidl.cli import profile as profile_cmd
+
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
@@ -25,3 +29,6 @@ def version() -> None:
 
 
 # Command registrations (one line each; keep alphabetical):
+app.command("inspect")(inspect_cmd.inspect)
+app.command("prepare")(prepare_cmd.prepare)
+app.add_typer(profile_cmd.profile_app, name="profile")

@@ -10,6 +10,8 @@ Shape variables:
 - ``L`` text tokens (300 for Open-Sora)
 - ``S`` tokens per latent frame ((H/16)*(W/16)), ``T`` latent frames, ``M`` latent frames after TDTM merging
 - ``P`` latent pixels per frame ((H/8)*(W/8)), ``F`` latent frames per temporal-VAE call
+- ``H``, ``W`` latent height and width (pixels / 8): the temporal VAE pads every frame explicitly before its
+  3D convolutions, so its live bytes hold (H+2)(W+2) = P + 2H + 2W + 4 terms, not a function of P alone
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ SCHEMA_VERSION = 1
 
 ModelName = Literal["t5", "stdit", "vae_temporal", "vae_2d"]
 Variant = Literal["default", "tdtm"]
-ShapeVar = Literal["B", "L", "S", "T", "M", "P", "F"]
+ShapeVar = Literal["B", "L", "S", "T", "M", "P", "F", "H", "W"]
 PRESETS = ("tiny", "small", "full")
 
 
@@ -86,6 +88,11 @@ class ModelCost(_Frozen):
     params: int = Field(description="Parameters of the whole model (sum over its blocks).")
     layers_per_block: int
     dims: dict[str, int] = Field(default_factory=dict, description="e.g. d_model, text_len, latent_channels.")
+    params_by_module: dict[str, int] = Field(
+        default_factory=dict,
+        description="Parameters per top-level upstream module (e.g. the VAE's `decoder` and its 20-parameter "
+        "`post_quant_conv`, which the decode path also runs), so totals can be read against published counts.",
+    )
     blocks: list[BlockCost]
 
 

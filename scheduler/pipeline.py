@@ -90,10 +90,11 @@ def open_sora_workload(
         stages.append(stage("stdit", "stdit", runs - tdtm_steps, stdit_shape, split=CFG_BATCH))
     chunks, rest = divmod(frames, FRAMES_PER_CHUNK)
     if chunks:
-        stages.append(stage("vae-temporal", "vae_temporal", chunks, {"B": 1, "P": p_pixels, "F": LATENT_PER_CHUNK}))
+        stages.append(stage("vae-temporal", "vae_temporal", chunks,
+                            {"B": 1, "P": p_pixels, "F": LATENT_PER_CHUNK, "H": h // 8, "W": w // 8}))
     if rest:
         stages.append(stage("vae-temporal-tail", "vae_temporal", 1,
-                            {"B": 1, "P": p_pixels, "F": math.ceil(rest / 4)}))
+                            {"B": 1, "P": p_pixels, "F": math.ceil(rest / 4), "H": h // 8, "W": w // 8}))
     full2d, rest2d = divmod(frames, FRAMES_PER_2D_CALL)
     if full2d:
         stages.append(stage("vae-2d", "vae_2d", full2d, {"B": FRAMES_PER_2D_CALL, "P": p_pixels}))
