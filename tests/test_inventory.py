@@ -107,7 +107,8 @@ def test_full_parameters_and_weight_bytes_match_the_facts() -> None:
     assert cm.models["vae_2d"].params_by_module == {"decoder": 49_490_179, "post_quant_conv": 20}
     assert cm.models["vae_temporal"].params_by_module == {"decoder": 165_265_924, "post_quant_conv": 20}
     assert cm.models["t5"].params_by_module == {"shared": 131_596_288, "encoder": 4_630_714_368}
-    assert sum(v for k, v in cm.models["stdit"].params_by_module.items() if k.endswith("_blocks")) == 56 * 21_255_696
+    stdit_modules = cm.models["stdit"].params_by_module
+    assert sum(v for k, v in stdit_modules.items() if k.endswith("_blocks")) == 56 * 21_255_696
     t5_blocks = [b for b in cm.models["t5"].blocks if b.name.startswith("block")]
     assert len(t5_blocks) == 24 and all(192e6 < b.weight_bytes["int8"] < 194e6 for b in t5_blocks)
     int8_blocks = sum(b.weight_bytes["int8"] for b in t5_blocks)
