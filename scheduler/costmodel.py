@@ -91,7 +91,7 @@ class ModelCost(_Frozen):
     params_by_module: dict[str, int] = Field(
         default_factory=dict,
         description="Parameters per top-level upstream module (e.g. the VAE's `decoder` and its 20-parameter "
-        "`post_quant_conv`, which the decode path also runs), so totals can be read against published counts.",
+        "`post_quant_conv`, which decoding also runs), so totals can be read against published counts.",
     )
     blocks: list[BlockCost]
 
