@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from cidl.cli import compare as compare_cmd
 from cidl.cli import inspect as inspect_cmd
 from cidl.cli import prepare as prepare_cmd
 from cidl.cli import profile as profile_cmd
@@ -16,7 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    help="cidl: simulate, run and tune Concurrent Inference with Dynamic Loading (On-device Sora's scheduler).",
+    help="Simulate, run and tune Concurrent Inference with Dynamic Loading (On-device Sora's scheduler).",
 )
 
 
@@ -29,6 +30,7 @@ def version() -> None:
 
 
 # Command registrations (one line each; keep alphabetical):
+app.command("compare")(compare_cmd.compare)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("prepare")(prepare_cmd.prepare)
 app.add_typer(profile_cmd.profile_app, name="profile")

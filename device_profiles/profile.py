@@ -97,7 +97,7 @@ class Contention(_Frozen):
 
 class Calibration(_Frozen):
     calibrated: bool
-    fitted_to: list[str] = Field(default_factory=list, description="The figures the parameters were fitted to.")
+    fitted_to: list[str] = Field(default_factory=list, description="Figures the parameters were fitted to.")
     method: str = ""
     residuals: dict[str, float] = Field(default_factory=dict, description="Relative error per fitted figure.")
     source: str = Field("", description="Where the uncalibrated numbers come from (spec sheets, ...).")
