@@ -100,6 +100,7 @@ def atomic_write_text(path: Path, text: str) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any written file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -122,3 +123,9 @@ def profile_schema() -> dict[str, Any]:
 def write_profile_schema(path: str | os.PathLike[str] = SCHEMA_PATH) -> Path:
     """Regenerate ``device_profiles/schema.json`` (a test checks it is up to date)."""
     return atomic_write_text(Path(path), json.dumps(profile_schema(), indent=2) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

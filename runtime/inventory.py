@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +56,7 @@ from cidl.scheduler.costmodel import (
     dump_cost_model,
     inventory_path,
 )
+from cidl.traces.io import atomic_write_bytes
 
 MODEL_NAMES: tuple[ModelName, ...] = ("t5", "stdit", "vae_temporal", "vae_2d")
 # Preferred compute unit per model (On-device Sora ran T5 and STDiT on .cpuAndGPU; the VAE mostly .cpuOnly,
@@ -310,15 +309,7 @@ MODULE_ROOTS: dict[ModelName, str] = {"t5": "", "stdit": "", "vae_temporal": "te
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode())
 
 
 def stale_presets(presets: Sequence[str], log: Callable[[str], None] | None = None) -> list[str]:

@@ -19,7 +19,12 @@ LATENT_PER_CHUNK = 5  # latent frames per 17-frame chunk
 FRAMES_PER_2D_CALL = 4  # Open-Sora's micro-batch for the 2D decoder
 CFG_BATCH = 2
 # The phone's formats (On-device Sora): T5 int8, everything else fp32.
-PHONE_DTYPES: dict[ModelName, WeightDType] = {"t5": "int8", "stdit": "fp32", "vae_temporal": "fp32", "vae_2d": "fp32"}
+PHONE_DTYPES: dict[ModelName, WeightDType] = {
+    "t5": "int8",
+    "stdit": "fp32",
+    "vae_temporal": "fp32",
+    "vae_2d": "fp32",
+}
 
 
 def latent_frames(frames: int) -> int:
@@ -67,20 +72,43 @@ def open_sora_workload(
     text_len = cm.models["t5"].dims.get("text_len", 300)
     s_tokens, p_pixels = (h // 16) * (w // 16), (h // 8) * (w // 8)
 
-    def stage(name: str, model: ModelName, calls: int, shape: dict[str, int], variant: Variant = "default",
-              split: int = 1) -> Stage:
+    def stage(
+        name: str,
+        model: ModelName,
+        calls: int,
+        shape: dict[str, int],
+        variant: Variant = "default",
+        split: int = 1,
+    ) -> Stage:
         blocks = []
         for bc in cm.models[model].blocks:
             cost = bc.exec[variant]
             fmt = dt[model]
-            resident = bc.weight_bytes["fp32"] if (dequantize_int8 and fmt == "int8") else bc.weight_bytes[fmt]
-            blocks.append(Block(
-                id=f"{model}.{bc.name}", model=model, index=bc.index, weight_bytes=bc.weight_bytes, dtype=fmt,
-                resident_bytes=resident, flops=cost.flops(shape), working_bytes=cost.working_bytes(shape),
-                unit=bc.unit,
-            ))
-        return Stage(name=name, model=model, variant=variant, calls=calls, shape=shape, batch_splittable=split,
-                     blocks=blocks)
+            resident = (
+                bc.weight_bytes["fp32"] if (dequantize_int8 and fmt == "int8") else bc.weight_bytes[fmt]
+            )
+            blocks.append(
+                Block(
+                    id=f"{model}.{bc.name}",
+                    model=model,
+                    index=bc.index,
+                    weight_bytes=bc.weight_bytes,
+                    dtype=fmt,
+                    resident_bytes=resident,
+                    flops=cost.flops(shape),
+                    working_bytes=cost.working_bytes(shape),
+                    unit=bc.unit,
+                )
+            )
+        return Stage(
+            name=name,
+            model=model,
+            variant=variant,
+            calls=calls,
+            shape=shape,
+            batch_splittable=split,
+            blocks=blocks,
+        )
 
     stages = [stage("t5", "t5", 1, {"B": 1, "L": text_len})]
     stdit_shape = {"B": CFG_BATCH, "L": text_len, "S": s_tokens, "T": t, "M": merged_frames(t)}
@@ -90,11 +118,23 @@ def open_sora_workload(
         stages.append(stage("stdit", "stdit", runs - tdtm_steps, stdit_shape, split=CFG_BATCH))
     chunks, rest = divmod(frames, FRAMES_PER_CHUNK)
     if chunks:
-        stages.append(stage("vae-temporal", "vae_temporal", chunks,
-                            {"B": 1, "P": p_pixels, "F": LATENT_PER_CHUNK, "H": h // 8, "W": w // 8}))
+        stages.append(
+            stage(
+                "vae-temporal",
+                "vae_temporal",
+                chunks,
+                {"B": 1, "P": p_pixels, "F": LATENT_PER_CHUNK, "H": h // 8, "W": w // 8},
+            )
+        )
     if rest:
-        stages.append(stage("vae-temporal-tail", "vae_temporal", 1,
-                            {"B": 1, "P": p_pixels, "F": math.ceil(rest / 4), "H": h // 8, "W": w // 8}))
+        stages.append(
+            stage(
+                "vae-temporal-tail",
+                "vae_temporal",
+                1,
+                {"B": 1, "P": p_pixels, "F": math.ceil(rest / 4), "H": h // 8, "W": w // 8},
+            )
+        )
     full2d, rest2d = divmod(frames, FRAMES_PER_2D_CALL)
     if full2d:
         stages.append(stage("vae-2d", "vae_2d", full2d, {"B": FRAMES_PER_2D_CALL, "P": p_pixels}))
@@ -107,15 +147,24 @@ def open_sora_workload(
     latents = 3 * channels * t * p_pixels * 4  # latent, velocity, and the CFG-doubled input's share
     video = frames * 3 * h * w * 4
     name = f"open-sora-{h}" if h == w else f"open-sora-{h}x{w}"
-    return Workload(name=name, preset=preset, resolution=(h, w), frames=frames, steps=steps, lpl_leap=lpl_leap,
-                    tdtm_steps=tdtm_steps, persistent_bytes=text + latents + video, stages=stages)
+    return Workload(
+        name=name,
+        preset=preset,
+        resolution=(h, w),
+        frames=frames,
+        steps=steps,
+        lpl_leap=lpl_leap,
+        tdtm_steps=tdtm_steps,
+        persistent_bytes=text + latents + video,
+        stages=stages,
+    )
 
 
 def parse_workload_name(name: str) -> int:
     """``open-sora-256`` -> 256. Raises ValueError naming the expected form."""
     prefix = "open-sora-"
-    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+    if not name.startswith(prefix) or not name[len(prefix) :].isdigit():
         raise ValueError(f"unknown workload {name!r} (expected open-sora-<resolution>, e.g. open-sora-256)")
-    res = int(name[len(prefix):])
+    res = int(name[len(prefix) :])
     _check("resolution", res, res > 0 and res % 16 == 0, "a positive multiple of 16")
     return res

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,6 +77,10 @@ class Schedule(_Frozen):
     start_stage: int = Field(0, ge=0)
     start_call: int = Field(0, ge=0)
     planned_peak_bytes: int = Field(0, ge=0, description="The policy's own bound on accounted bytes.")
+    plan_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="How the policy planned it (e.g. the variant `optimal` chose), for re-plans to continue.",
+    )
     prologue: list[Op] = Field(default_factory=list)
     calls: list[CallOps] = Field(default_factory=list)
 

@@ -34,7 +34,8 @@ class Block(_Frozen):
     weight_bytes: dict[WeightDType, int] = Field(description="Stored size per weight format.")
     dtype: WeightDType = Field(description="The format this workload stores and loads the block in.")
     resident_bytes: int = Field(
-        ge=0, description="Bytes while resident, in the form the kernel uses (int8 dequantized on a host: fp32)."
+        ge=0,
+        description="Bytes while resident, in the form the kernel uses (int8 dequantized on a host: fp32).",
     )
     flops: int = Field(ge=0, description="FLOPs of one call (FlopCounterMode's count).")
     working_bytes: int = Field(ge=0, description="Peak activation + scratch bytes while one call runs.")
@@ -70,8 +71,8 @@ class Workload(_Frozen):
     tdtm_steps: int = 0
     persistent_bytes: int = Field(
         ge=0,
-        description="Tensors alive across stages (text embeddings, latents, decoded frames), counted for the whole "
-        "run: a simple upper bound of what is alive at any instant.",
+        description="Tensors alive across stages (text embeddings, latents, decoded frames), counted for the "
+        "whole run: a simple upper bound of what is alive at any instant.",
     )
     stages: list[Stage] = Field(min_length=1)
 

@@ -19,6 +19,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any written file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -36,3 +37,9 @@ def trace_schema() -> dict[str, Any]:
 def write_trace_schema(path: str | os.PathLike[str] = SCHEMA_PATH) -> Path:
     """Regenerate ``traces/schema.json`` (a test checks it is up to date)."""
     return atomic_write_bytes(path, (json.dumps(trace_schema(), indent=2) + "\n").encode())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
