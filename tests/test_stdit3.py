@@ -14,8 +14,6 @@ from cidl.runtime.models.piece import run_pieces
 from cidl.runtime.models.stdit3 import (
     STDIT3_PRESETS,
     STDiT3,
-    _merge,
-    _unmerge,
     build_stdit3,
     load_checkpoint,
     merged_frames,
@@ -23,6 +21,7 @@ from cidl.runtime.models.stdit3 import (
     split_stdit3,
     stdit3_inputs,
 )
+from cidl.runtime.models.stdit3_layers import _merge, _unmerge
 
 # Expected state-dict keys and shapes of the released STDiT3-XL/2, read off hpcaitech/Open-Sora tag v1.2.0
 # (commit 17cce908b22283acc3c946816c81f46dd442a453): opensora/models/stdit/stdit3.py (STDiT3, STDiT3Block),
