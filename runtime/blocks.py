@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from cidl.runtime.allocator import configure_allocator
 from cidl.runtime.models.piece import Piece
 from cidl.runtime.quant import dequantize_state
 from cidl.runtime.store import BlockEntry, BlockFileError, BlockStore
@@ -224,6 +225,7 @@ class StoreBlocks:
         unknown = [b for b in blocks if b not in store]
         if unknown:
             raise KeyError(f"{store.directory}: the store has no block {unknown[0]!r}")
+        configure_allocator()  # evicted blocks must give their memory back to the OS (see allocator.py)
         self.store = store
         self.blocks = {bid: ManagedBlock(bid, model, piece, store) for bid, (model, piece) in blocks.items()}
 

@@ -213,3 +213,29 @@ def test_unload_returns_the_memory(tmp_path: Path, dtype: str) -> None:
     assert got["size"] == (4096 * 3072 + 3072) * 4  # int8 too: resident as fp32
     assert got["finite"] and got["meta"]
     assert got["up"] > 0.9 * got["size"] and got["down"] > 0.9 * got["size"], got
+
+
+def test_evicted_blocks_give_memory_back_to_the_os(tmp_path) -> None:
+    """Many medium tensors loaded by worker threads and evicted: RSS returns to where it was (allocator.py)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    # A fresh process: the allocator setting and RSS are process-wide.
+    code = textwrap.dedent("""
+        import threading, psutil, torch
+        from cidl.runtime.allocator import configure_allocator
+        assert configure_allocator()
+        p = psutil.Process()
+        held = []
+        def load():  # 40 tensors of 6 MB from another thread, as a loader thread does
+            held.extend(torch.ones(1_500_000) for _ in range(40))
+        torch.ones(8_000_000).sum()  # a first large free raises glibc's dynamic threshold when not fixed
+        base = p.memory_info().rss
+        for _ in range(3):
+            t = threading.Thread(target=load); t.start(); t.join()
+            held.clear()
+        print((p.memory_info().rss - base) / 1e6)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip()) < 32, out.stdout
