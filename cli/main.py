@@ -12,6 +12,7 @@ from cidl.cli import compare as compare_cmd
 from cidl.cli import inspect as inspect_cmd
 from cidl.cli import prepare as prepare_cmd
 from cidl.cli import profile as profile_cmd
+from cidl.cli import run as run_cmd
 from cidl.cli import simulate as simulate_cmd
 
 app = typer.Typer(
@@ -35,4 +36,5 @@ app.command("compare")(compare_cmd.compare)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("prepare")(prepare_cmd.prepare)
 app.add_typer(profile_cmd.profile_app, name="profile")
+app.command("run")(run_cmd.run)
 app.command("simulate")(simulate_cmd.simulate)
