@@ -50,7 +50,7 @@ def _exec_seconds(profile: DeviceProfile, op: ExecOp, block: Block) -> float:
     unit = profile.units.get(op.queue)
     if unit is None:
         raise ValueError(f"profile {profile.name}: no compute unit {op.queue!r} for exec of {block.id}")
-    return unit.exec_seconds(block.flops / op.part_count, block.dtype)
+    return unit.exec_seconds(block.flops / op.part_count, block.kernel_dtype)
 
 
 class ProfilePacer:

@@ -24,15 +24,15 @@ from cidl.scheduler.workload import Block, Workload
 
 
 def _unit_for(profile: DeviceProfile, block: Block) -> Unit:
-    usable = profile.units_for(block.dtype)
+    usable = profile.units_for(block.kernel_dtype)
     if not usable:
-        raise ValueError(f"profile {profile.name}: no compute unit runs {block.dtype} (block {block.id})")
+        raise ValueError(f"profile {profile.name}: no compute unit runs {block.kernel_dtype} (block {block.id})")
     return block.unit if block.unit in usable else usable[0]
 
 
 def _exec_s(profile: DeviceProfile, block: Block, parts: int) -> float:
     unit = profile.units[_unit_for(profile, block)]
-    return unit.exec_seconds(block.flops / parts, block.dtype)
+    return unit.exec_seconds(block.flops / parts, block.kernel_dtype)
 
 
 def _load_s(profile: DeviceProfile, block: Block) -> float:

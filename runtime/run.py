@@ -106,8 +106,8 @@ def default_store(preset: str, dtype: str) -> Path:
 
 
 def host_workload(settings: GenerateSettings, dtype: WeightDType, mode: Mode) -> Workload:
-    """The workload as this run accounts it: the store's format on the host (int8 resident as fp32), or
-    the phone's formats in ``emulate`` (int8 stays int8)."""
+    """The workload as this run accounts it: the store's format on the host, resident and computed as fp32
+    (int8 dequantized, fp16 widened: the host kernels run fp32), or the phone's formats in ``emulate``."""
     from cidl.scheduler.pipeline import open_sora_workload
 
     common = dict(lpl_leap=settings.lpl_leap, tdtm_steps=settings.tdtm_steps, preset=settings.preset)
@@ -115,7 +115,7 @@ def host_workload(settings: GenerateSettings, dtype: WeightDType, mode: Mode) ->
     if mode == "emulate":
         return open_sora_workload(res, settings.frames, settings.steps, **common)  # type: ignore[arg-type]
     return open_sora_workload(res, settings.frames, settings.steps, dtypes=dict.fromkeys(MODELS, dtype),
-                              dequantize_int8=True, **common)  # type: ignore[arg-type]
+                              kernel_dtype="fp32", **common)  # type: ignore[arg-type]
 
 
 def stage_rows(trace: Trace, workload: Workload) -> list[StageRow]:

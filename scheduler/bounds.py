@@ -106,10 +106,10 @@ def _units(profile: DeviceProfile, units: Sequence[Unit] | None) -> list[Unit]:
 
 
 def _fastest(profile: DeviceProfile, units: list[Unit], block: Block, flops: float) -> float:
-    times = [profile.units[u].exec_seconds(flops, block.dtype) for u in units
-             if block.dtype in profile.units[u].efficiency]
+    times = [profile.units[u].exec_seconds(flops, block.kernel_dtype) for u in units
+             if block.kernel_dtype in profile.units[u].efficiency]
     if not times:
-        raise ValueError(f"block {block.id} ({block.dtype}) runs on none of the queues {units}")
+        raise ValueError(f"block {block.id} ({block.kernel_dtype}) runs on none of the queues {units}")
     return min(times)
 
 

@@ -52,10 +52,11 @@ def open_sora_workload(
     tdtm_steps: int = 0,
     preset: str = "full",
     dtypes: dict[ModelName, WeightDType] | None = None,
-    dequantize_int8: bool = False,
+    kernel_dtype: WeightDType | None = None,
     cost_model: CostModel | None = None,
 ) -> Workload:
-    """Build the pipeline. ``dequantize_int8``: int8 weights are resident as fp32 (host kernels)."""
+    """Build the pipeline. ``kernel_dtype``: the dtype kernels run in when it differs from the stored format
+    (a host runtime dequantizes int8 and widens fp16 to fp32): blocks are then resident, and priced, in it."""
     h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
     for name, v in (("resolution", h), ("resolution", w)):
         _check(name, v, v > 0 and v % 16 == 0, "a positive multiple of 16")
@@ -84,9 +85,8 @@ def open_sora_workload(
         for bc in cm.models[model].blocks:
             cost = bc.exec[variant]
             fmt = dt[model]
-            resident = (
-                bc.weight_bytes["fp32"] if (dequantize_int8 and fmt == "int8") else bc.weight_bytes[fmt]
-            )
+            kernel = kernel_dtype if kernel_dtype not in (None, fmt) else None
+            resident = bc.weight_bytes[kernel or fmt]
             blocks.append(
                 Block(
                     id=f"{model}.{bc.name}",
@@ -94,6 +94,7 @@ def open_sora_workload(
                     index=bc.index,
                     weight_bytes=bc.weight_bytes,
                     dtype=fmt,
+                    compute_dtype=kernel,
                     resident_bytes=resident,
                     flops=cost.flops(shape),
                     working_bytes=cost.working_bytes(shape),

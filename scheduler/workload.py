@@ -33,6 +33,9 @@ class Block(_Frozen):
     index: int = Field(ge=0)
     weight_bytes: dict[WeightDType, int] = Field(description="Stored size per weight format.")
     dtype: WeightDType = Field(description="The format this workload stores and loads the block in.")
+    compute_dtype: WeightDType | None = Field(
+        None, description="The dtype kernels run in when it differs from the stored one (host kernels: fp32)."
+    )
     resident_bytes: int = Field(
         ge=0,
         description="Bytes while resident, in the form the kernel uses (int8 dequantized on a host: fp32).",
@@ -40,6 +43,11 @@ class Block(_Frozen):
     flops: int = Field(ge=0, description="FLOPs of one call (FlopCounterMode's count).")
     working_bytes: int = Field(ge=0, description="Peak activation + scratch bytes while one call runs.")
     unit: Unit = Field(description="Preferred compute unit.")
+
+    @property
+    def kernel_dtype(self) -> WeightDType:
+        """The dtype exec time is priced at: the stored format unless kernels convert it."""
+        return self.compute_dtype or self.dtype
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -251,3 +251,18 @@ def test_resident_before_a_call_is_what_earlier_calls_prefetched() -> None:
     # a fresh plan from that resident set is consistent with it
     state = _state(10**6, stage=1, call=1, resident=resident_before(sched, WL, 1, 1), reason="first-call")
     _check_static(make_policy("concurrent").plan(state), state)
+
+
+def test_host_kernels_price_int8_blocks_at_their_fp32_kernels() -> None:
+    """A host dequantizes int8 at load: the block loads as int8 but is resident and computed as fp32."""
+    from cidl.scheduler.pipeline import open_sora_workload
+
+    phone = open_sora_workload(64, 17, 2, preset="tiny")
+    host = open_sora_workload(64, 17, 2, preset="tiny", dtypes={"stdit": "int8"}, kernel_dtype="fp32")
+    b_phone = next(b for b in phone.stages[0].blocks if b.id == "t5.block00")
+    b_host = next(b for b in host.stages[0].blocks if b.id == "t5.block00")
+    assert (b_phone.dtype, b_phone.kernel_dtype) == ("int8", "int8")
+    assert (b_host.dtype, b_host.kernel_dtype, b_host.load_bytes) == ("int8", "fp32", b_phone.load_bytes)
+    assert b_host.resident_bytes == b_host.weight_bytes["fp32"] > b_phone.resident_bytes
+    st = next(b for b in host.stages[1].blocks if b.id == "stdit.block00")
+    assert (st.dtype, st.kernel_dtype, st.resident_bytes) == ("int8", "fp32", st.weight_bytes["fp32"])

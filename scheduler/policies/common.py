@@ -27,9 +27,9 @@ def usable_units(profile: DeviceProfile, allowed: Sequence[Unit] | None) -> list
 
 
 def _runnable(profile: DeviceProfile, units: list[Unit], block: Block) -> list[Unit]:
-    ok = [u for u in units if block.dtype in profile.units[u].efficiency]
+    ok = [u for u in units if block.kernel_dtype in profile.units[u].efficiency]
     if not ok:
-        raise ValueError(f"block {block.id} ({block.dtype}) cannot run on any of {units} in profile "
+        raise ValueError(f"block {block.id} ({block.kernel_dtype}) cannot run on any of {units} in profile "
                          f"{profile.name}")
     return ok
 
@@ -61,13 +61,13 @@ def fastest_queues(state: PlanState, allowed: Sequence[Unit] | None, split: bool
         row: dict[str, tuple[Unit, ...]] = {}
         for b in stage.blocks:
             ok = _runnable(prof, units, b)
-            ranked = sorted(ok, key=lambda u: (prof.units[u].exec_seconds(b.flops, b.dtype), ok.index(u)))
+            ranked = sorted(ok, key=lambda u: (prof.units[u].exec_seconds(b.flops, b.kernel_dtype), ok.index(u)))
             choice: tuple[Unit, ...] = (ranked[0],)
             parts = min(stage.batch_splittable, len(ranked))
             if split and parts > 1:
                 qs = tuple(ranked[:parts])
-                t_split = max(prof.units[u].exec_seconds(b.flops / parts, b.dtype) for u in qs)
-                if t_split < prof.units[ranked[0]].exec_seconds(b.flops, b.dtype):
+                t_split = max(prof.units[u].exec_seconds(b.flops / parts, b.kernel_dtype) for u in qs)
+                if t_split < prof.units[ranked[0]].exec_seconds(b.flops, b.kernel_dtype):
                     choice = qs
             row[b.id] = choice
         out[s] = row

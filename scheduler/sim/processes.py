@@ -272,10 +272,10 @@ class SimRun:
             raise SimulationError(f"exec({op.block}, {op.stage} call {op.call}): {op.part_count} parts but "
                                   f"the stage allows {stage.batch_splittable}")
         unit = self.profile.units.get(op.queue)
-        if unit is None or block.dtype not in unit.efficiency:
+        if unit is None or block.kernel_dtype not in unit.efficiency:
             raise SimulationError(f"exec({op.block}): profile {self.profile.name} has no queue {op.queue} "
-                                  f"that runs weight dtype {block.dtype}")
-        work = unit.exec_seconds(block.flops / op.part_count, block.dtype)
+                                  f"that runs weight dtype {block.kernel_dtype}")
+        work = unit.exec_seconds(block.flops / op.part_count, block.kernel_dtype)
         hit = self._costs[key] = (s, i, block, work, math.ceil(block.working_bytes / op.part_count))
         return hit
 
