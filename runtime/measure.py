@@ -33,7 +33,6 @@ backend, the ISA and the shape; the phone's Core ML has its own.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -44,10 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch._prims_common import suggest_memory_format
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count, shape_wrapper
 
+from cidl.runtime.memtrack import LiveBytes
 from cidl.runtime.models.piece import Carry, Piece
 from cidl.runtime.quant import is_quantized, quantized_bytes
 
@@ -125,19 +123,12 @@ class _AsOnCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _storage_key(t: torch.Tensor) -> int:
-    # The StorageImpl's address: shared by views, unique among live storages (meta storages included).
-    return t.untyped_storage()._cdata
-
-
-class LiveTracker(TorchDispatchMode):
-    """Records each dispatched op's name and the bytes alive after it (storages it has seen allocated), and
-    counts FLOPs with FlopCounterMode's formulas (one dispatch mode instead of two: measuring is faster)."""
+class LiveTracker(LiveBytes):
+    """LiveBytes that also records each dispatched op's name and the bytes alive after it, and counts FLOPs
+    with FlopCounterMode's formulas (one dispatch mode instead of two: measuring is faster)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._live: dict[int, list[int]] = {}  # storage key -> [nbytes, tensors alive]
-        self.current = 0
         self.flops = 0
         self.ops: list[str] = []
         self.live: list[int] = []
@@ -148,36 +139,10 @@ class LiveTracker(TorchDispatchMode):
         formula = _FLOP_FORMULAS.get(func.overloadpacket)
         if formula is not None:
             self.flops += int(formula(*args, **kwargs, out_val=out))
-        inputs = None
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            key = _storage_key(t)
-            entry = self._live.get(key)
-            if entry is None:
-                if inputs is None:
-                    flat = tree_flatten((args, kwargs))[0]
-                    inputs = {_storage_key(a) for a in flat if isinstance(a, torch.Tensor)}
-                if key in inputs:  # a view of, or in-place op on, a storage from before the piece
-                    continue
-                nbytes = t.untyped_storage().nbytes()
-                self._live[key] = [nbytes, 1]
-                self.current += nbytes
-            else:
-                entry[1] += 1
-            weakref.finalize(t, self._drop, key)
+        self._account(out, args, kwargs)
         self.ops.append(func.overloadpacket.__name__)
         self.live.append(self.current)
         return out
-
-    def _drop(self, key: int) -> None:
-        entry = self._live.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self._live[key]
 
 
 @contextmanager

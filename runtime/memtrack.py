@@ -34,8 +34,13 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        inputs = {_storage_key(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
         out = func(*args, **kwargs)
+        self._account(out, args, kwargs)
+        return out
+
+    def _account(self, out: Any, args: Any, kwargs: Any) -> None:
+        """Count the storages ``out`` allocates; a view of, or in-place op on, an input storage is not new."""
+        inputs: set[int] | None = None  # built lazily: most outputs are new storages
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
@@ -43,7 +48,10 @@ class LiveBytes(TorchDispatchMode):
             with self._lock:
                 entry = self._live.get(key)
                 if entry is None:
-                    if key in inputs:  # in-place on an input: not a new allocation
+                    if inputs is None:
+                        flat = tree_flatten((args, kwargs))[0]
+                        inputs = {_storage_key(a) for a in flat if isinstance(a, torch.Tensor)}
+                    if key in inputs:
                         continue
                     nbytes = t.untyped_storage().nbytes()
                     self._live[key] = [nbytes, 1]
@@ -52,7 +60,6 @@ class LiveBytes(TorchDispatchMode):
                 else:
                     entry[1] += 1
             weakref.finalize(t, self._drop, key)
-        return out
 
     def _drop(self, key: int) -> None:
         with self._lock:
