@@ -8,19 +8,13 @@ from pathlib import Path
 import typer
 
 from cidl.cli.errors import CliError, user_errors
+from cidl.scheduler.policies.base import PolicyName
 
 
 class Preset(StrEnum):
     tiny = "tiny"
     small = "small"
     full = "full"
-
-
-class PolicyName(StrEnum):
-    sequential = "sequential"
-    concurrent = "concurrent"
-    cidl = "cidl"
-    optimal = "optimal"
 
 
 class ModeName(StrEnum):
@@ -43,7 +37,7 @@ def run(
     preset: Preset = typer.Argument(..., help="Model preset: tiny, small or full."),
     store: Path | None = typer.Option(
         None, "--store", help="Block store [default: cidl-store/PRESET-DTYPE, prepared on first use]."),
-    policy: PolicyName = typer.Option(PolicyName.cidl, "--policy", help="Scheduling policy."),
+    policy: PolicyName = typer.Option(PolicyName.CIDL, "--policy", help="Scheduling policy."),
     budget: str = typer.Option("3.3GB", "--budget", help="Memory budget (GB = 10^9, GiB = 2^30)."),
     mode: ModeName = typer.Option(ModeName.real, "--mode", help="real: host speed; emulate: as --profile."),
     profile: str | None = typer.Option(None, "--profile", help=_PROFILE_HELP),

@@ -45,6 +45,7 @@ from cidl.runtime.executor_api import (
 )
 from cidl.runtime.memtrack import LiveBytes
 from cidl.runtime.opstate import OpState
+from cidl.scheduler.issue import ScheduleError, call_name, issue_order
 from cidl.scheduler.schedule import EvictOp, ExecOp, LoadOp, Op, Schedule
 from cidl.scheduler.workload import Workload
 from cidl.traces.model import Trace, TraceEvent, TraceMeta
@@ -466,23 +467,14 @@ class Executor:
         return sched
 
     def _install(self, sched: Schedule, s: int, c: int, replace_from: int | None = None) -> None:
-        if (sched.start_stage, sched.start_call) != (s, c):
-            raise ExecutorError(f"Schedule {sched.content_hash()} starts at stage {sched.start_stage} call "
-                                f"{sched.start_call}, expected stage {s} call {c}")
+        try:
+            flat = issue_order(sched, self.workload, s, c)
+        except ScheduleError as e:
+            raise ExecutorError(str(e)) from None
         seg = len(self._segments)
         self._segments.append(sched)
         limit = sched.budget_bytes
-        items = [_Rec(op, s, c, seg, limit) for op in sched.prologue]
-        expect = (s, c)
-        for i, co in enumerate(sched.calls):
-            si = self._stage_index.get(co.stage)
-            if si is None or (si, co.call) != expect:
-                raise ExecutorError(f"Schedule {sched.content_hash()}: calls[{i}] is {co.stage} call "
-                                    f"{co.call}, expected {self._call_name(*expect)}")
-            if i:
-                items.append(_Rec(None, si, co.call, seg, limit))
-            items.extend(_Rec(op, si, co.call, seg, limit) for op in co.ops)
-            expect = self._next_call(si, co.call)
+        items = [_Rec(op, si, call, seg, limit) for op, si, call in flat]
         if replace_from is None:
             self._items = items
             self._pos = 0
@@ -490,9 +482,6 @@ class Executor:
             self._items = self._items[:replace_from] + items
             self._pos = replace_from - 1  # the issuer increments past the boundary marker
         self._ensure_lanes(sched.loader_threads)
-
-    def _next_call(self, s: int, c: int) -> tuple[int, int]:
-        return (s, c + 1) if c + 1 < self.workload.stages[s].calls else (s + 1, 0)
 
     def _exec_working(self, op: ExecOp) -> int:
         return math.ceil(self._working[(op.stage, op.block)] / op.part_count)
@@ -590,8 +579,7 @@ class Executor:
         return f"op #{self._pos} {op.kind}({op.block}) of Schedule {sched} at {where}"
 
     def _call_name(self, s: int, c: int) -> str:
-        name = self.workload.stages[s].name if s < len(self.workload.stages) else "end"
-        return f"{name} call {c}"
+        return call_name(self.workload, s, c)
 
     def _build_trace(self) -> Trace:
         order = {"plan": 0, "wait": 1, "evict": 2, "load": 3, "exec": 4}  # ties as the simulator orders them

@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cidl.device_profiles.profile import Unit, WeightDType
 
@@ -49,7 +49,6 @@ class Block(_Frozen):
         """The dtype exec time is priced at: the stored format unless kernels convert it."""
         return self.compute_dtype or self.dtype
 
-    @computed_field  # type: ignore[prop-decorator]
     @property
     def load_bytes(self) -> int:
         """Bytes read from storage for one load."""

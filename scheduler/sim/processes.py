@@ -25,6 +25,7 @@ import simpy
 
 from cidl.device_profiles.profile import DeviceProfile
 
+from ..issue import ScheduleError, call_name, issue_order
 from ..plan import BudgetTooSmall, PlanState, Reason, min_feasible_budget
 from ..policies.base import Policy
 from ..schedule import EvictOp, ExecOp, LoadOp, Op, Schedule
@@ -170,9 +171,10 @@ class SimRun:
             yield self.env.all_of(waits)
 
     def _install(self, sched: Schedule, s: int, c: int, reason: Reason) -> list[tuple[Op | None, int, int]]:
-        if (sched.start_stage, sched.start_call) != (s, c):
-            raise SimulationError(f"Schedule {sched.content_hash()} starts at stage {sched.start_stage} call "
-                                  f"{sched.start_call}, expected stage {s} call {c}")
+        try:
+            items = issue_order(sched, self.wl, s, c)
+        except ScheduleError as e:
+            raise SimulationError(str(e)) from None
         self.segments.append(sched)
         if self.record:
             self.hashes.append(sched.content_hash())
@@ -184,24 +186,6 @@ class SimRun:
                         c, sched.budget_bytes)
         while len(self.lanes) < sched.loader_threads:
             self._spawn_lane()
-        items: list[tuple[Op | None, int, int]] = [(op, s, c) for op in sched.prologue]
-        expect = (s, c)
-        for i, co in enumerate(sched.calls):
-            si = self.stage_index.get(co.stage)
-            if si is None or (si, co.call) != expect:
-                raise SimulationError(f"Schedule {sched.content_hash()}: calls[{i}] is {co.stage} call "
-                                      f"{co.call}, expected {self._call_name(*expect)}")
-            if i:
-                items.append((None, si, co.call))
-            items.extend([(op, si, co.call) for op in co.ops])
-            expect = (si, co.call + 1) if co.call + 1 < self.wl.stages[si].calls else (si + 1, 0)
-        if expect[0] != len(self.wl.stages):
-            raise SimulationError(f"Schedule {sched.content_hash()} ends before the run does "
-                                  f"(next would be {self._call_name(*expect)})")
-        for op, _, _ in items:
-            if isinstance(op, LoadOp) and op.lane >= sched.loader_threads:
-                raise SimulationError(f"Schedule {sched.content_hash()}: load({op.block}) on lane {op.lane} "
-                                      f"but loader_threads is {sched.loader_threads}")
         return items
 
     def _boundary(self, s: int, c: int) -> Gen:
@@ -476,8 +460,7 @@ class SimRun:
         return None if key < self.start_key else key
 
     def _call_name(self, s: int, c: int) -> str:
-        name = self.wl.stages[s].name if s < len(self.wl.stages) else "end"
-        return f"{name} call {c}"
+        return call_name(self.wl, s, c)
 
     def _event(self, name: str, cat: str, lane: str, ts: float, dur: float, block: str | None,
                stage: str | None, call: int | None, nbytes: int) -> None:
