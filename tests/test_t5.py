@@ -167,3 +167,18 @@ def test_load_checkpoint_roundtrip_and_strictness(tiny: torch.nn.Module, tmp_pat
     save_file(state, str(bad))
     with pytest.raises(ValueError, match=r"bad\.safetensors.*encoder\.final_layer_norm\.weight"):
         load_checkpoint(other, bad)
+
+
+def test_checkpoint_loads_onto_meta_and_shape_mismatch_is_one_line(tiny: torch.nn.Module, tmp_path: Path) -> None:
+    state = {k: v.clone() for k, v in tiny.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    good = tmp_path / "t5.pt"
+    torch.save({"state_dict": state}, good)  # a training checkpoint: nested under state_dict
+    on_meta = build_t5("tiny", device="meta")
+    load_checkpoint(on_meta, good)
+    assert not any(p.is_meta for p in on_meta.parameters())
+    assert on_meta.shared.weight is on_meta.encoder.embed_tokens.weight  # the tie survives assignment
+    state["encoder.final_layer_norm.weight"] = torch.ones(7)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad))
+    with pytest.raises(ValueError, match=r"bad\.safetensors: not a T5 encoder checkpoint: .*size mismatch"):
+        load_checkpoint(build_t5("tiny"), bad)

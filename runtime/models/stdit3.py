@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 
+from cidl.runtime.models.checkpoint import load_strict, read_state_dict
 from cidl.runtime.models.piece import Carry, Piece
 from cidl.runtime.models.stdit3_layers import (
     CaptionEmbedder,
@@ -298,30 +299,7 @@ def load_checkpoint(model: STDiT3, path: str | Path) -> STDiT3:
     Accepts a bare state dict or one nested under ``state_dict``/``model``/``module``, with an optional
     ``module.`` prefix (DDP checkpoints). A model on ``meta`` gets the loaded tensors assigned.
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    elif path.suffix in (".pt", ".pth", ".bin"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "module"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-    else:
-        raise ValueError(f"{path}: expected a .safetensors/.pt/.pth/.bin checkpoint, got {path.suffix!r}")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = set(model.state_dict().keys())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    where = f"{path}: not an STDiT3 '{model.config.name}' checkpoint"
-    if missing or unexpected:
-        raise ValueError(f"{where}: missing keys {missing[:5]} ({len(missing)}), "
-                         f"unexpected keys {unexpected[:5]} ({len(unexpected)})")
-    on_meta = any(p.is_meta for p in model.parameters())
-    try:
-        model.load_state_dict(state, strict=True, assign=on_meta)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{where}: {' '.join(str(err).split())}") from err
+    load_strict(model, read_state_dict(path), path, f"STDiT3 '{model.config.name}'")
     return model
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import T5Config, T5EncoderModel
 
+from cidl.runtime.models.checkpoint import load_strict, read_state_dict
 from cidl.runtime.models.piece import Carry, Piece
 
 # google/t5-v1_1-xxl config.json (the encoder DeepFloyd/t5-v1_1-xxl ships); small/tiny keep the structure and
@@ -81,26 +82,15 @@ def load_checkpoint(model: T5EncoderModel, path: str | Path) -> None:
     The tied embedding may be stored under ``shared.weight``, ``encoder.embed_tokens.weight`` or both; a full
     T5 checkpoint's ``decoder.*`` / ``lm_head.*`` keys are dropped (as ``T5EncoderModel.from_pretrained``).
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(("decoder.", "lm_head."))}
     for a, b in (
         ("shared.weight", "encoder.embed_tokens.weight"),
         ("encoder.embed_tokens.weight", "shared.weight"),
     ):
         if a in state and b not in state:
             state[b] = state[a]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: state dict does not match the T5 encoder: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
+    load_strict(model, state, path, "T5 encoder")
+    model.tie_weights()  # a load onto meta assigns both names separately: make them one Parameter again
 
 
 def t5_inputs(

@@ -27,6 +27,7 @@ import torch
 from diffusers.models.autoencoders.vae import Decoder
 from torch import nn
 
+from cidl.runtime.models.checkpoint import load_strict, read_state_dict
 from cidl.runtime.models.piece import Carry, Piece
 from cidl.runtime.models.vae_temporal import TemporalVAE
 
@@ -142,20 +143,8 @@ _ENCODER_PREFIXES = (
 def load_checkpoint(vae: OpenSoraVAE, path: str | Path) -> None:
     """Load a released ``OpenSoraVAE_V1_2`` state dict (``.safetensors`` or torch pickle), strict on the
     decoder keys."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith(_ENCODER_PREFIXES)}
-    missing, unexpected = vae.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: state dict does not match the VAE decoders: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(_ENCODER_PREFIXES)}
+    load_strict(vae, state, path, "Open-Sora VAE decoders")
 
 
 def decode_video(
