@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 
 import typer
 
+from cidl.cli.choices import DType, Preset
 from cidl.cli.errors import user_errors
-
-
-class Preset(StrEnum):
-    tiny = "tiny"
-    small = "small"
-    full = "full"
-
-
-class DType(StrEnum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
 
 
 def default_out(preset: str, dtype: str) -> Path:

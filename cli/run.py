@@ -7,25 +7,14 @@ from pathlib import Path
 
 import typer
 
+from cidl.cli.choices import DType, Preset
 from cidl.cli.errors import CliError, user_errors
 from cidl.scheduler.policies.base import PolicyName
-
-
-class Preset(StrEnum):
-    tiny = "tiny"
-    small = "small"
-    full = "full"
 
 
 class ModeName(StrEnum):
     real = "real"
     emulate = "emulate"
-
-
-class DType(StrEnum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
 
 
 _PROFILE_HELP = ("emulate: the device to emulate (shipped name or JSON file); real: the profile to plan with "
